@@ -1,0 +1,83 @@
+"""The one place that decides: fused kernels or the composed-op fallback, and why (`explain`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Optional
+
+import mlx.core as mx
+
+from . import config, fallback, metal
+
+FUSED_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which path `kl_div_loss` takes for given arguments, and why.
+
+    `path` is "fused" or "fallback"; `launch` (fused only) is the kernel plan: variant, grid,
+    threadgroup and the `KL_METAL_*` values in effect. `str(decision)` reads as a short report.
+    """
+
+    path: str
+    reason: str
+    backend: ModuleType = field(repr=False)
+    rows: int
+    axis_length: int
+    inner: int
+    dtypes: tuple
+    device: str
+    setting: str
+    launch: Optional[object] = None
+
+    def __str__(self) -> str:
+        names = "/".join(str(d).split(".")[-1] for d in self.dtypes)
+        lines = [
+            f"path: {self.path}",
+            f"why: {self.reason}",
+            f"problem: {self.rows} rows x {self.axis_length} (reduction axis), inner stride {self.inner}, "
+            f"dtypes {names}, device {self.device}",
+            f"KL_METAL_BACKEND={self.setting}",
+        ]
+        if self.launch is not None:
+            lines.append(f"kernels: {self.launch.describe()}")
+        return "\n".join(lines)
+
+
+def _fusable(shape: tuple, dtypes: tuple) -> Optional[str]:
+    """Why these arguments can't use the fused kernels, or None if they can."""
+    for dtype in dtypes:
+        if dtype not in FUSED_DTYPES:
+            return f"{str(dtype).split('.')[-1]} has no fused kernel (float32, float16, bfloat16 do)"
+    if 0 in shape:
+        return "the arrays are empty: nothing to launch"
+    return None
+
+
+def decide(shape: tuple, x_dtype: mx.Dtype, t_dtype: mx.Dtype, weighted: bool) -> Decision:
+    """Choose the path for arrays of `shape` = (outer, D, inner) reduced over D.
+
+    Reads `KL_METAL_BACKEND` now: "fallback" always takes the composed ops; "fused" takes the kernels or
+    raises RuntimeError when they can't run (it never silently falls back); "auto" takes the kernels
+    where Metal is the target device and the dtypes and sizes allow.
+    """
+    setting = config.BACKEND.get()
+    device = mx.default_device()
+    outer, length, inner = shape
+    common = dict(
+        rows=outer * inner, axis_length=length, inner=inner, dtypes=(x_dtype, t_dtype),
+        device=str(device), setting=setting,
+    )
+    if setting == "fallback":
+        return Decision("fallback", "KL_METAL_BACKEND=fallback", fallback, **common)
+    present, why_present = metal.available(device)
+    why_not = None if present else why_present
+    why_not = why_not or _fusable(shape, (x_dtype, t_dtype))
+    if why_not is not None:
+        if setting == "fused":
+            raise RuntimeError(f"KL_METAL_BACKEND=fused, but the fused kernels can't run here: {why_not}")
+        return Decision("fallback", why_not, fallback, **common)
+    plan = metal.plan(shape, x_dtype, t_dtype, weighted)
+    reason = why_present if setting == "auto" else f"KL_METAL_BACKEND=fused ({why_present})"
+    return Decision("fused", reason, metal, launch=plan, **common)

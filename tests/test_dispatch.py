@@ -1,0 +1,74 @@
+"""Dispatch, explain() and KL_METAL_* validation on a machine without Metal (the fused path itself is
+tested under the emulator in test_kernels*.py)."""
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+import kl_metal
+from kl_metal import config, fallback, metal
+
+
+@pytest.fixture
+def x():
+    return mx.zeros((4, 100))
+
+
+def test_auto_takes_the_fallback_without_metal(monkeypatch, x):
+    monkeypatch.delenv("KL_METAL_BACKEND", raising=False)
+    decision = kl_metal.explain(x, x)
+    assert decision.path == "fallback" and decision.backend is fallback and decision.launch is None
+    assert "no Metal" in decision.reason and "path: fallback" in str(decision)
+    assert (decision.rows, decision.axis_length, decision.inner) == (4, 100, 1)
+
+
+def test_explain_describes_a_middle_axis(x):
+    decision = kl_metal.explain(mx.zeros((2, 3, 5)), mx.zeros((3, 5)), axis=1)
+    assert (decision.rows, decision.axis_length, decision.inner) == (10, 3, 5)
+
+
+def test_fused_without_a_fused_backend_raises(monkeypatch, x):
+    monkeypatch.setenv("KL_METAL_BACKEND", "fused")
+    with pytest.raises(RuntimeError, match="KL_METAL_BACKEND=fused.*no Metal"):
+        kl_metal.kl_div_loss(x, x)
+    with pytest.raises(RuntimeError, match="KL_METAL_BACKEND=fused"):
+        kl_metal.explain(x, x)
+
+
+def test_fallback_setting_is_honoured(monkeypatch, x):
+    monkeypatch.setenv("KL_METAL_BACKEND", "FALLBACK")  # case-insensitive
+    assert kl_metal.explain(x, x).reason == "KL_METAL_BACKEND=fallback"
+
+
+@pytest.mark.parametrize("value", ["gpu", "1", "fused,fallback"])
+def test_invalid_backend_value_names_variable_value_and_choices(monkeypatch, x, value):
+    monkeypatch.setenv("KL_METAL_BACKEND", value)
+    with pytest.raises(ValueError) as info:
+        kl_metal.kl_div_loss(x, x)
+    message = str(info.value)
+    assert "KL_METAL_BACKEND" in message and repr(value) in message and "auto | fused | fallback" in message
+
+
+def test_integer_variables_validate_range_and_form(monkeypatch):
+    var = config.integer("KL_METAL_TEST_SIZE", 256, 1, 1024, "test", multiple_of=32)
+    for good, parsed in (("64", 64), (" 1024 ", 1024)):
+        monkeypatch.setenv(var.name, good)
+        assert var.get() == parsed
+    monkeypatch.delenv(var.name)
+    assert var.get() == 256
+    for bad in ("0", "2048", "100", "abc", "64.0", "0x40"):
+        monkeypatch.setenv(var.name, bad)
+        with pytest.raises(ValueError, match=rf"KL_METAL_TEST_SIZE={bad!r} is invalid.*\[1, 1024\], multiples of 32"):
+            var.get()
+
+
+def test_every_registered_variable_is_documented_in_the_readme():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [var.name for var in config.ALL if var.name not in text]
+    assert not missing, f"README.md does not document {missing}"
+
+
+def test_without_an_injected_factory_cpu_is_not_fused():
+    assert metal.available(mx.Device(mx.cpu))[0] is False
