@@ -1,6 +1,7 @@
 """`python -m kl_metal`: what runs here and why, a self-check against float64, and a small timing table.
 
-Exits with status 1 when the self-check fails.
+Exits with status 1 when the self-check fails. `python -m kl_metal tune --shape ... --dtype ...` sweeps the
+fused kernels' launch settings instead (kl_metal/tune.py).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import __version__, config, dispatch, explain, kl_div_loss, metal
+from . import __version__, config, dispatch, explain, kl_div_loss, metal, tune
 
 CHECK_SHAPE = (16, 4099)  # odd length: exercises partial threadgroups and simdgroups on the fused path
 TIMING_SHAPE = (256, 32000)
@@ -128,9 +129,16 @@ def info(timing: bool = True) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kl_metal", description=__doc__.splitlines()[0])
     parser.add_argument("--no-timing", action="store_true", help="skip the timing table")
+    commands = parser.add_subparsers(dest="command", metavar="{tune}")
+    tune.add_arguments(commands.add_parser(
+        "tune", help="find the fastest KL_METAL_* launch settings for one problem",
+        description="Sweep the fused kernels' KL_METAL_* launch settings for one problem on this machine, time "
+                    "each distinct launch configuration and print the fastest as export lines."))
     args = parser.parse_args(argv)
     for var in config.ALL:  # a malformed KL_METAL_* value is reported before anything runs
         var.get()
+    if args.command == "tune":
+        return tune.main(args)
     return info(timing=not args.no_timing)
 
 

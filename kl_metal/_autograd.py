@@ -32,7 +32,10 @@ def primitive(backend):
 
     @mx.custom_function
     def kl_rows(x, t, w):
-        loss, saved = backend.row_loss(x, t, w)
+        # mx.jvp transforms every operation downstream of the primals, even inside a custom function
+        # whose jvp rule replaces them, and a kernel launch has no jvp of its own: detach the forward's
+        # operands so that only the rules below are ever transformed.
+        loss, saved = backend.row_loss(mx.stop_gradient(x), mx.stop_gradient(t), w)
         return (loss, *saved)
 
     @kl_rows.vjp
