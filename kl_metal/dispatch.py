@@ -16,8 +16,9 @@ FUSED_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 class Decision:
     """Which path `kl_div_loss` takes for given arguments, and why.
 
-    `path` is "fused" or "fallback"; `launch` (fused only) is the kernel plan: variant, grid,
-    threadgroup and the `KL_METAL_*` values in effect. `str(decision)` reads as a short report.
+    `path` is "fused" or "fallback"; `launch` (fused only) is the forward kernel's plan: variant, grid,
+    threadgroup and the `KL_METAL_*` values in effect; `gradient_launches` the plans of the d/dinputs and
+    d/dtargets kernels. `str(decision)` reads as a short report.
     """
 
     path: str
@@ -30,6 +31,7 @@ class Decision:
     device: str
     setting: str
     launch: Optional[object] = None
+    gradient_launches: tuple = ()
 
     def __str__(self) -> str:
         names = "/".join(str(d).split(".")[-1] for d in self.dtypes)
@@ -41,7 +43,9 @@ class Decision:
             f"KL_METAL_BACKEND={self.setting}",
         ]
         if self.launch is not None:
-            lines.append(f"kernels: {self.launch.describe()}")
+            lines.append("launch settings: " + " ".join(f"{k}={v}" for k, v in self.launch.settings.items()))
+        for plan in filter(None, (self.launch, *self.gradient_launches)):
+            lines.append(f"kernel: {plan.describe(settings=False)}")
         return "\n".join(lines)
 
 
@@ -52,6 +56,8 @@ def _fusable(shape: tuple, dtypes: tuple) -> Optional[str]:
             return f"{str(dtype).split('.')[-1]} has no fused kernel (float32, float16, bfloat16 do)"
     if 0 in shape:
         return "the arrays are empty: nothing to launch"
+    if max(shape[1:]) > metal.MAX_GRID:
+        return f"an axis longer than {metal.MAX_GRID} elements exceeds the fused kernels' grid"
     return None
 
 
@@ -78,6 +84,7 @@ def decide(shape: tuple, x_dtype: mx.Dtype, t_dtype: mx.Dtype, weighted: bool) -
         if setting == "fused":
             raise RuntimeError(f"KL_METAL_BACKEND=fused, but the fused kernels can't run here: {why_not}")
         return Decision("fallback", why_not, fallback, **common)
-    plan = metal.plan(shape, x_dtype, t_dtype, weighted)
+    forward = metal.plan(shape, x_dtype, t_dtype, weighted)
+    gradients = tuple(metal.plan(shape, x_dtype, t_dtype, weighted, op=op) for op in ("grad_inputs", "grad_targets"))
     reason = why_present if setting == "auto" else f"KL_METAL_BACKEND=fused ({why_present})"
-    return Decision("fused", reason, metal, launch=plan, **common)
+    return Decision("fused", reason, metal, launch=forward, gradient_launches=gradients, **common)

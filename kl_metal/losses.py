@@ -131,7 +131,9 @@ def kl_div_loss(
     * ``'mean'`` over zero rows is NaN, like the reference; an axis of length 0 gives zeros.
     * Gradients: d/dinputs = -exp(t) * g, d/dtargets = exp(t) * (t - x + 1) * g, with g the per-row
       cotangent; each is computed only when asked for (a teacher under ``mx.stop_gradient`` costs
-      nothing). ``mx.grad``, ``mx.vjp``, ``mx.jvp``, ``mx.vmap`` and ``mx.compile`` (not shapeless) work.
+      nothing). ``mx.grad``, ``mx.vjp``, ``mx.jvp`` and ``mx.compile`` (not shapeless) work on both paths;
+      ``mx.vmap`` works on the composed-op path only: MLX 0.32 vmaps every operation inside a custom
+      function, and a Metal kernel launch has no vmap (set ``KL_METAL_BACKEND=fallback`` under vmap).
     * Integer, bool and complex arguments are rejected (TypeError), not converted.
 
     Example:

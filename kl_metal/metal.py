@@ -176,13 +176,13 @@ class LaunchPlan:
     settings: dict = field(default_factory=dict)  # KL_METAL_* name -> value in effect ("auto" if unset)
     launches: int = 1  # > 1 when outer is split to keep grid sizes within C int
 
-    def describe(self) -> str:
-        """One line: op, kernel and variant, grid, threadgroup, specialization and settings."""
+    def describe(self, settings: bool = True) -> str:
+        """One line: op, kernel and variant, grid, threadgroup, specialization and (optionally) settings."""
         spec = ", ".join(f"{k}={_template_text(v)}" for k, v in self.template)
-        env = " ".join(f"{k}={v}" for k, v in self.settings.items())
+        env = " " + " ".join(f"{k}={v}" for k, v in self.settings.items()) if settings else ""
         split = f" x{self.launches} launches" if self.launches > 1 else ""
         return (f"{self.op}: {self.kernel} ({self.variant}) grid={self.grid} "
-                f"threadgroup={self.threadgroup}{split} [{spec}] {env}")
+                f"threadgroup={self.threadgroup}{split} [{spec}]{env}")
 
 
 def _template_text(value) -> str:

@@ -187,6 +187,12 @@ def _pass_function(pass_name: str, axis: int) -> Callable:
     return mx.value_and_grad(loss, 0 if pass_name == "grad_inputs" else (0, 1))
 
 
+def _bytes_moved(args: tuple, pass_name: str) -> int:
+    """The minimum (as in benchmarks/): read inputs and targets once, write each gradient once."""
+    gradients = {"forward": 0, "grad_inputs": 1, "grad_both": 2}[pass_name]
+    return (2 + gradients) * args[0].nbytes
+
+
 def _flat(result) -> list:
     if isinstance(result, mx.array):
         return [result]
@@ -277,7 +283,8 @@ def run(shape: tuple, dtype_name: str, axis: int = -1, pass_name: str = "grad_in
         f"{PASSES[pass_name]}, device {mx.default_device()}")
     say(f"{combinations} setting combinations give {len(found)} distinct launch configurations; each is "
         f"checked against the baseline ({_baseline_text(found[0].settings)}) and timed as the fastest of "
-        f"{repeats} after a warm-up.")
+        f"{repeats} after a warm-up; GB/s counts the minimum bytes (both arguments read, each gradient "
+        f"written once).")
     fn, baseline, best = _pass_function(pass_name, axis), None, None
     labels = [_describe(candidate, found[0].settings) for candidate in found]
     width, count = max(map(len, labels)), len(found)
@@ -285,7 +292,8 @@ def run(shape: tuple, dtype_name: str, axis: int = -1, pass_name: str = "grad_in
         result = measure(candidate, fn, args, baseline, TOLERANCE[dtype_name], repeats)
         if baseline is None and candidate.problem is None:
             baseline = result
-        outcome = candidate.problem or f"{candidate.seconds * 1e3:9.3f} ms"
+        outcome = candidate.problem or (f"{candidate.seconds * 1e3:9.3f} ms "
+                                        f"{_bytes_moved(args, pass_name) / candidate.seconds / 1e9:8.3g} GB/s")
         if candidate.seconds is not None and (best is None or candidate.seconds < best.seconds):
             best = candidate
             outcome += "  (best so far)"
@@ -295,7 +303,10 @@ def run(shape: tuple, dtype_name: str, axis: int = -1, pass_name: str = "grad_in
         say("No candidate ran: nothing to recommend.")
         return 1
     first = found[0].seconds
-    versus = f", x{first / best.seconds:.2f} faster than the baseline" if first else ""
+    if best is found[0]:
+        versus = ": the baseline itself"
+    else:
+        versus = f", x{first / best.seconds:.2f} faster than the baseline" if first else ""
     say(f"\nWinner: {best.seconds * 1e3:.3f} ms{versus}. For this shape and dtype on this machine:")
     for name, value in best.settings.items():
         say(f"export {name}=" + ("  # empty: automatic" if value is None else str(value)))

@@ -166,3 +166,18 @@ def test_traffic_of_the_kernels_from_the_emulator():
         ("kl_grad_inputs", traffic.Traffic(0.5, 1)),  # reads targets of kept rows, writes every element
     ]
     assert traffic.minimum(case, "grad_inputs", split=True) == traffic.Traffic(1.5, 1)
+
+
+def test_fused_groups_get_a_copy_entry_and_record_the_variants(emulated_metal, monkeypatch):
+    """Under the emulator kl_metal is "fused": the suite adds the speed-of-light copy and records the
+    forward and backward kernel variants; with the fallback forced it does neither."""
+    monkeypatch.delenv("KL_METAL_BACKEND", raising=False)
+    looped = bc.Case("distill", (2, 5000), "float32")
+    strided = bc.Case("axis1", (2, 64, 16), "float32", axis=1)
+    assert bc.fused_here(looped) and bc.fused_here(strided)
+    plan = bc.kl_metal_plan(looped, bc.arrays(looped), "grad_both")
+    assert (plan["path"], plan["variant"], plan["backward_variant"]) == ("fused", "looped", "elementwise")
+    assert bc.kl_metal_plan(strided, bc.arrays(strided), "forward")["variant"] == "strided"
+    monkeypatch.setenv("KL_METAL_BACKEND", "fallback")
+    assert not bc.fused_here(looped)
+    assert bc.kl_metal_plan(looped, bc.arrays(looped), "grad_both")["variant"] is None

@@ -72,3 +72,18 @@ def test_every_registered_variable_is_documented_in_the_readme():
 
 def test_without_an_injected_factory_cpu_is_not_fused():
     assert metal.available(mx.Device(mx.cpu))[0] is False
+
+
+def test_axes_beyond_the_kernel_grid_take_the_fallback(monkeypatch):
+    # With an injected fused backend, sizes the kernels can't launch still go to the composed ops.
+    monkeypatch.delenv("KL_METAL_BACKEND", raising=False)
+    previous = metal.set_kernel_factory(lambda **kwargs: None)
+    try:
+        monkeypatch.setattr(metal, "MAX_GRID", 64)
+        decision = kl_metal.explain(mx.zeros((2, 100)), mx.zeros((2, 100)))
+        assert decision.path == "fallback" and "exceeds the fused kernels' grid" in decision.reason
+        monkeypatch.setenv("KL_METAL_BACKEND", "fused")
+        with pytest.raises(RuntimeError, match="exceeds"):
+            kl_metal.explain(mx.zeros((2, 100)), mx.zeros((2, 100)))
+    finally:
+        metal.set_kernel_factory(previous)

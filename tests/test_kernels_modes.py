@@ -204,7 +204,6 @@ def test_sparse_backward_beyond_2_32_elements(clean_env):
                 oracle.assert_grads_close(got, want, scale, f"{op} row {r}")
 
 
-@pytest.mark.skip(reason="metal_emulator run_sparse segfaults on grids with z > 1 (reported to the emulator)")
 def test_sparse_strided_beyond_2_32_elements(clean_env):
     """Middle-axis reduction whose last outer slice starts past 2^32."""
     d, inner = 4096, 1024

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from _oracle import EPS32, TERM_ULPS, f64
+from _oracle import EPS32, f64
 
 INF = np.inf
 
@@ -113,7 +113,8 @@ class Reference:
             lse_s, lse_t = np.abs(self.lse_s), np.abs(self.lse_t)
             rel_q = abs_a + lse_s + chain + 8
             rel_p = abs_b + lse_t + chain + 8
-            student = (np.where(self.q > 0, self.q * rel_q, 0.0) + np.where(self.p > 0, self.p * rel_p, 0.0)) * g / self.T
+            student = np.where(self.q > 0, self.q * rel_q, 0.0) + np.where(self.p > 0, self.p * rel_p, 0.0)
+            student = student * g / self.T
             d = np.abs(self.log_p - self.log_q - self.kl[:, None])
             kl_error = (self.loss_tolerance(chain) / EPS32)[:, None]
             teacher = self.p * (rel_p * d + abs_a + lse_s + abs_b + lse_t + 8 + kl_error) * g / self.T

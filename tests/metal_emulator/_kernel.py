@@ -450,7 +450,7 @@ class _HostArray:
         # Not np.ascontiguousarray: it turns a 0-d array into shape (1,), and a scalar input would get
         # MLX's `constant T*` signature instead of `constant T&` (a kernel doing `size_t(n)` on it then
         # converts the pointer, not the value).
-        self.array = np.ascontiguousarray(a)
+        self.array = np.asarray(a, order="C")
         self.dtype = dtype
         self.shape = self.array.shape
         self.ndim = self.array.ndim

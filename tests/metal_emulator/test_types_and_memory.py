@@ -118,6 +118,18 @@ def test_far_out_of_bounds_and_threadgroup_overflow_are_caught():
         run1(k, [mx.zeros((64,))], 33, 33)
 
 
+def test_wild_addresses_beyond_every_guard_zone_raise_instead_of_crashing():
+    # 2^40 floats = 4 TiB past the buffer: beyond its 16 GiB guard zone (formerly unchecked: a segfault
+    # where unmapped, silent corruption where mapped). Without bounds: an error where nothing is mapped.
+    k = me.metal_kernel("oob_wild", ["inp"], ["out"], "out[0] = inp[size_t(1) << 40];")
+    with pytest.raises(RuntimeError, match=r"(?s)out-of-bounds read of 4 bytes at wild address 0x[0-9a-f]+.*"
+                                           r"index into: `inp` element 1099511627776 \(of 64\).*oob_wild\.metal"):
+        run1(k, [mx.zeros((64,))], 1, 1, out_shapes=[(1,)])
+    k = me.metal_kernel("oob_wild_unchecked", ["inp"], ["out"], "out[size_t(1) << 46] = inp[0];", bounds=False)
+    with pytest.raises(RuntimeError, match=r"out-of-bounds write of 4 bytes at wild address .*no writable memory"):
+        run1(k, [mx.zeros((64,))], 1, 1, out_shapes=[(1,)])
+
+
 def test_outputs_not_written_are_poisoned_unless_init_value():
     k = me.metal_kernel("half_writer", ["inp"], ["out"], "uint i = thread_position_in_grid.x; "
                         "if (i % 2 == 0) out[i] = inp[i];")

@@ -463,8 +463,7 @@ std::vector<Span> read_maps() {
 
 // Does [a, a+n) lie in mappings (contiguous, from `maps`) that allow the access? If so, the
 // covering ranges are appended to s->known so that the next accesses there stay cheap.
-bool mapped_for(Launch* s, const std::vector<Span>& maps, uintptr_t a, size_t n, bool w, uintptr_t clip_lo,
-                uintptr_t clip_hi) {
+bool mapped_for(Launch* s, const std::vector<Span>& maps, uintptr_t a, size_t n, bool w) {
   uintptr_t p = a, end = a + n;
   size_t first = s->known.size();
   while (p < end) {
@@ -478,13 +477,8 @@ bool mapped_for(Launch* s, const std::vector<Span>& maps, uintptr_t a, size_t n,
       s->known.resize(first);
       return false;
     }
-    uintptr_t lo = std::max(hit->lo, clip_lo), hi = std::min(hit->hi, clip_hi);
-    if (p < lo || p >= hi) {
-      s->known.resize(first);
-      return false;
-    }
-    s->known.push_back(Span{lo, hi, hit->r, hit->w});
-    p = hi;
+    s->known.push_back(*hit);
+    p = hit->hi;
   }
   return true;
 }
@@ -564,7 +558,7 @@ __attribute__((noinline)) void other_access(uintptr_t a, size_t n, bool w, const
     }
     // Unchecked modes: any mapping that allows the access (so the kernel cannot fault).
     std::vector<Span> maps = read_maps();
-    if (maps.empty() || mapped_for(s, maps, a, n, w, 0, ~uintptr_t(0))) return;
+    if (maps.empty() || mapped_for(s, maps, a, n, w)) return;
     fail_wild(a, n, w, pc, w ? "no writable memory there" : "no readable memory there");
   }
   fail_wild(a, n, w, pc, "outside every buffer, threadgroup memory and the thread's own memory");
@@ -589,7 +583,7 @@ inline void on_access(uintptr_t a, size_t n, bool w, const void* pc, bool atomic
       for (const Region& r : s->regions)
         if (a < r.ghi && a + n > r.glo) fail_oob(s->bufs[r.buf], a, n, w, pc);
   }
-  const Span& k0 = s->known.front();  // the runtime's thread state, the most frequent other access
+  const Span& k0 = s->known.front();  // the simd exchange slots: the most frequent other access
   if (a >= k0.lo && a + n <= k0.hi) return;
   other_access(a, n, w, pc);
 }
