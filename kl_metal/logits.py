@@ -182,17 +182,17 @@ def _fallback_grad_teacher(s, t, stats, g, inv):
 
 
 def _kernel_file() -> Path:
-    return metal._KERNEL_DIR / "kl_logits.metal"
+    return metal.KERNEL_DIR / "kl_logits.metal"
 
 
 def _split_header(text: str) -> str:
     """The logits-only header: everything above the first kernel section of kl_logits.metal."""
-    return text.split("\n" + metal._SECTION, 1)[0] + "\n"
+    return text.split("\n" + metal.SECTION, 1)[0] + "\n"
 
 
 _TEXT = _kernel_file().read_text()
 HEADER = metal.HEADER + "\n" + _split_header(_TEXT)
-SOURCES = metal._sections(_TEXT)
+SOURCES = metal.sections(_TEXT)
 SIGNATURES = {  # kernel name -> (input names, output names)
     "kl_logits_forward": (["student", "teacher", "w", "inv_temperature"], ["loss", "stats"]),
     "kl_logits_grad_student": (["student", "teacher", "stats", "g", "inv_temperature"], ["ds"]),
@@ -201,23 +201,9 @@ SIGNATURES = {  # kernel name -> (input names, output names)
 
 
 def kernel(name: str):
-    """The kernel object for `name`, built once per kernel factory and cached (thread-safe).
-
-    Uses kl_metal.metal's factory seam (`set_kernel_factory`, e.g. the emulator) and its cache, which
-    `set_kernel_factory` clears.
-    """
-    with metal._lock:
-        factory = metal._kernel_factory or mx.fast.metal_kernel
-        key = (factory, name)
-        built = metal._kernels.get(key)
-        if built is None:
-            inputs, outputs = SIGNATURES[name]
-            built = factory(
-                name=name, input_names=inputs, output_names=outputs, source=SOURCES[name],
-                header=HEADER, ensure_row_contiguous=True,
-            )
-            metal._kernels[key] = built
-        return built
+    """The kernel object for `name`, built once per kernel factory and cached (see metal.build_kernel)."""
+    inputs, outputs = SIGNATURES[name]
+    return metal.build_kernel(name, SOURCES[name], inputs, outputs, HEADER)
 
 
 def _settings() -> dict:
@@ -240,7 +226,7 @@ def plan_forward(rows: int, length: int, s_dtype, t_dtype, weighted: bool) -> me
     _check_rows(rows, length)
     n_reads = metal.N_READS.get()
     cap = metal.THREADGROUP_SIZE.get() or metal.MAX_THREADS
-    size = min(cap, metal._round_up(-(-max(length, 1) // n_reads), metal.SIMD_SIZE))
+    size = min(cap, metal.round_up(-(-max(length, 1) // n_reads), metal.SIMD_SIZE))
     variant = "block" if size * n_reads >= length else "looped"
     template = (("S", s_dtype), ("T", t_dtype), ("D", length), ("N_READS", n_reads), ("WEIGHTED", bool(weighted)))
     return metal.LaunchPlan("logits_forward", "kl_logits_forward", variant, (size, rows, 1), (size, 1, 1),
@@ -271,7 +257,7 @@ class _Fused:
         if rows == 0 or length == 0:  # dispatch sends empty arrays to the fallback; kept for direct calls
             return _Fallback.forward(s, t, w, inv_temperature)
         launch = plan_forward(rows, length, s.dtype, t.dtype, w is not None)
-        weights = metal._placeholder() if w is None else w.astype(mx.float32)
+        weights = metal.placeholder() if w is None else w.astype(mx.float32)
         loss, stats = kernel(launch.kernel)(
             inputs=[s, t, weights, float(inv_temperature)],
             template=list(launch.template),

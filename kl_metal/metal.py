@@ -20,6 +20,7 @@ block and looped share one kernel body (kl_forward_row); only the launch shape d
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,7 @@ DEFAULT_THREADS = {"looped": 1024, "strided": 256, "elementwise": 256, "small": 
 
 # ----------------------------------------------------------------------------- kernel sources
 
-_SECTION = "// ---- kernel: "
+SECTION = "// ---- kernel: "
 
 
 def _kernel_dir() -> Path:
@@ -104,13 +105,13 @@ def _kernel_dir() -> Path:
     raise FileNotFoundError(f"kl_metal kernel sources not found next to {here}")
 
 
-def _sections(text: str) -> dict[str, str]:
+def sections(text: str) -> dict[str, str]:
     """Split a .metal file into kernel bodies: each starts at a '// ---- kernel: NAME ----' line."""
     bodies: dict[str, str] = {}
     name = None
     for line in text.splitlines(keepends=True):
-        if line.startswith(_SECTION):
-            name = line[len(_SECTION):].strip().strip("-").strip()
+        if line.startswith(SECTION):
+            name = line[len(SECTION):].strip().strip("-").strip()
             bodies[name] = ""
         elif name is not None:
             bodies[name] += line
@@ -122,11 +123,11 @@ def _sections(text: str) -> dict[str, str]:
     return bodies
 
 
-_KERNEL_DIR = _kernel_dir()
-HEADER = (_KERNEL_DIR / "kl_common.h").read_text()
+KERNEL_DIR = _kernel_dir()
+HEADER = (KERNEL_DIR / "kl_common.h").read_text()
 SOURCES = {
-    **_sections((_KERNEL_DIR / "kl_forward.metal").read_text()),
-    **_sections((_KERNEL_DIR / "kl_backward.metal").read_text()),
+    **sections((KERNEL_DIR / "kl_forward.metal").read_text()),
+    **sections((KERNEL_DIR / "kl_backward.metal").read_text()),
 }
 _SIGNATURES = {  # kernel name -> (input names, output names)
     "kl_forward_small": (["x", "t", "w", "inner"], ["loss"]),
@@ -137,27 +138,35 @@ _SIGNATURES = {  # kernel name -> (input names, output names)
 }
 
 
+def build_kernel(name: str, source: str, input_names, output_names, header: str):
+    """A kernel object built once per kernel factory and cached (thread-safe).
+
+    The factory is `mx.fast.metal_kernel` unless `set_kernel_factory` installed another (which clears
+    the cache). Every kl_metal kernel, the logits ones included, is built here."""
+    with _lock:
+        factory = _kernel_factory or mx.fast.metal_kernel
+        key = (factory, name)
+        built = _kernels.get(key)
+        if built is None:
+            built = factory(
+                name=name,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                source=source,
+                header=header,
+                ensure_row_contiguous=True,
+            )
+            _kernels[key] = built
+        return built
+
+
 def kernel(name: str):
     """The kernel object for `name` ("kl_forward_row", ...), built once per factory and cached (thread-safe).
 
     Launch it with a plan's `template`, `grid` and `threadgroup` (tests and benchmarks do, e.g. the
     emulator's sparse launches)."""
-    with _lock:
-        factory = _kernel_factory or mx.fast.metal_kernel
-        key = (factory, name)
-        kernel = _kernels.get(key)
-        if kernel is None:
-            inputs, outputs = _SIGNATURES[name]
-            kernel = factory(
-                name=name,
-                input_names=inputs,
-                output_names=outputs,
-                source=SOURCES[name],
-                header=HEADER,
-                ensure_row_contiguous=True,
-            )
-            _kernels[key] = kernel
-        return kernel
+    inputs, outputs = _SIGNATURES[name]
+    return build_kernel(name, SOURCES[name], inputs, outputs, HEADER)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -200,7 +209,7 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
@@ -248,7 +257,7 @@ def plan(shape, x_dtype, t_dtype, weighted, *, op: str = "row_loss", out_dtype=N
             return LaunchPlan(op, "kl_forward_small", "small", (threads_per_row, rows, 1),
                               (threads_per_row, per_group, 1), tuple(template), settings, launches)
         if d <= BLOCK_MAX_D.get():
-            size = min(MAX_THREADS, _round_up(-(-d // n_reads), SIMD_SIZE))
+            size = min(MAX_THREADS, round_up(-(-d // n_reads), SIMD_SIZE))
             if threads is not None:
                 size = min(size, threads)
             variant = "block" if size * n_reads >= d else "looped"
@@ -284,15 +293,10 @@ def plan(shape, x_dtype, t_dtype, weighted, *, op: str = "row_loss", out_dtype=N
 
 # ----------------------------------------------------------------------------- launches
 
-_placeholder_weight = None
-
-
-def _placeholder():
+@functools.lru_cache(maxsize=None)
+def placeholder():
     """A 1-element float32 array standing in for w when there are no row weights (never read)."""
-    global _placeholder_weight
-    if _placeholder_weight is None:
-        _placeholder_weight = mx.ones((1,), dtype=mx.float32)
-    return _placeholder_weight
+    return mx.ones((1,), dtype=mx.float32)
 
 
 def _launch(launch: LaunchPlan, inputs, output_shape, output_dtype):
@@ -328,7 +332,7 @@ def row_loss(x: mx.array, t: mx.array, w):
     launch = plan(x.shape, **plan_args)
     if outer * inner == 0 or d == 0:
         return mx.zeros((outer, inner), dtype=mx.float32), ()
-    weights = _placeholder() if w is None else w.astype(mx.float32)
+    weights = placeholder() if w is None else w.astype(mx.float32)
     parts = []
     for start, stop, chunk in _per_launch(x.shape, launch, **plan_args):
         whole = chunk is launch

@@ -37,7 +37,7 @@ def test_installed_wheel_loads_its_own_kernel_sources(wheel, tmp_path):
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
         check=True, capture_output=True, text=True,
     )
-    probe = "import kl_metal.metal as m; print(m._KERNEL_DIR); print(len(m.SOURCES), len(m.HEADER))"
+    probe = "import kl_metal.metal as m; print(m.KERNEL_DIR); print(len(m.SOURCES), len(m.HEADER))"
     result = subprocess.run(
         [sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(target)},
         check=True, capture_output=True, text=True,
