@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional
 import mlx.core as mx
 
 from . import dispatch, metal
-from .losses import REDUCTIONS, _check_array, _reduce, _row_weights
+from .losses import _broadcast_shape_and_axis, _check_array, _reduce, _row_weights
 
 STATS = 3  # floats saved per row for the backward: lse_s, lse_t, kl
 
@@ -59,21 +59,7 @@ def _prepare(student_logits, teacher_logits, temperature, axis, reduction, mask)
     s = _check_array("student_logits", student_logits)
     t = _check_array("teacher_logits", teacher_logits)
     inv_temperature = _check_temperature(temperature)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is not one of {', '.join(map(repr, REDUCTIONS))}")
-    try:
-        shape = tuple(mx.broadcast_shapes(s.shape, t.shape))
-    except ValueError:
-        raise ValueError(
-            f"student_logits shape {tuple(s.shape)} and teacher_logits shape {tuple(t.shape)} do not broadcast"
-        ) from None
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"axis must be an int, got {axis!r}")
-    if len(shape) == 0:
-        raise ValueError("student_logits and teacher_logits must have at least one axis (the vocabulary)")
-    if not -len(shape) <= axis < len(shape):
-        raise ValueError(f"axis={axis} is out of range for the broadcast shape {shape} (ndim {len(shape)})")
-    axis %= len(shape)
+    shape, axis = _broadcast_shape_and_axis(("student_logits", "teacher_logits"), s, t, axis, reduction)
     row_shape = shape[:axis] + shape[axis + 1 :]
     rows, length = math.prod(row_shape), shape[axis]
 

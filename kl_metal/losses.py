@@ -34,22 +34,28 @@ def _check_array(name: str, value) -> mx.array:
     return value
 
 
-def _prepare(inputs, targets, axis, reduction, mask) -> _Problem:
-    inputs = _check_array("inputs", inputs)
-    targets = _check_array("targets", targets)
+def _broadcast_shape_and_axis(names: tuple, a: mx.array, b: mx.array, axis, reduction) -> tuple:
+    """Check `reduction` and `axis` against the broadcast shape of `a` and `b` (named `names` in
+    errors); return that shape and the axis made non-negative."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {', '.join(map(repr, REDUCTIONS))}")
     try:
-        shape = tuple(mx.broadcast_shapes(inputs.shape, targets.shape))
+        shape = tuple(mx.broadcast_shapes(a.shape, b.shape))
     except ValueError:
         raise ValueError(
-            f"inputs shape {tuple(inputs.shape)} and targets shape {tuple(targets.shape)} do not broadcast"
+            f"{names[0]} shape {tuple(a.shape)} and {names[1]} shape {tuple(b.shape)} do not broadcast"
         ) from None
     if isinstance(axis, bool) or not isinstance(axis, int):
         raise TypeError(f"axis must be an int, got {axis!r}")
     if not -len(shape) <= axis < len(shape):
         raise ValueError(f"axis={axis} is out of range for the broadcast shape {shape} (ndim {len(shape)})")
-    axis %= len(shape)
+    return shape, axis % len(shape)
+
+
+def _prepare(inputs, targets, axis, reduction, mask) -> _Problem:
+    inputs = _check_array("inputs", inputs)
+    targets = _check_array("targets", targets)
+    shape, axis = _broadcast_shape_and_axis(("inputs", "targets"), inputs, targets, axis, reduction)
     outer, length, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
     row_shape = shape[:axis] + shape[axis + 1 :]
 

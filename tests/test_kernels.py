@@ -52,8 +52,8 @@ def fused_kernels(**modes):
 
 @pytest.fixture
 def fused():
-    with fused_kernels():
-        yield
+    with fused_kernels() as emulator:
+        yield emulator
 
 
 @pytest.fixture

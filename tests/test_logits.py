@@ -183,7 +183,7 @@ def test_argument_errors_name_the_argument():
         kl_div_from_logits(s, s, mask=mx.ones((4,)))
     with pytest.raises(TypeError, match="mask"):
         kl_div_from_logits(s, s, mask=mx.ones((2,), mx.int32))
-    with pytest.raises(ValueError, match="at least one axis"):
+    with pytest.raises(ValueError, match=r"axis=-1 is out of range for the broadcast shape \(\)"):
         kl_div_from_logits(mx.array(1.0), mx.array(1.0))
     with pytest.raises(TypeError):
         kl_div_from_logits(s, s, 2.0)  # temperature is keyword only

@@ -13,7 +13,6 @@ full length list runs for float32; the other dtype pairs cross each launch bound
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import mlx.core as mx
@@ -24,34 +23,11 @@ from kl_metal import logits, metal
 from _oracle import as_mx, assert_grads_close
 from test_logits_oracle import INF, Reference, assert_loss_close, random_logits
 from test_logits import DTYPES, check, edge_rows
+from test_kernels import ON_METAL, fused, fused_kernels  # noqa: F401 (fused is a fixture)
 
-ON_METAL = mx.metal.is_available()
 D_ALL = [1, 3, 33, 1000, 4096, 4097, 32000, 151936]
 D_FEW = [33, 4097, 151936]
 ENV_NAMES = [var.name for var in metal.SETTINGS]
-
-
-@contextlib.contextmanager
-def fused_kernels(**modes):
-    """Build kernels for the real GPU (where MLX has Metal) or for the emulator."""
-    if ON_METAL:
-        assert not modes, "emulator modes exist only in the emulator"
-        previous = metal.set_kernel_factory(None)
-        try:
-            yield None
-        finally:
-            metal.set_kernel_factory(previous)
-    else:
-        from metal_emulator import emulated_metal
-
-        with emulated_metal(**modes) as em:
-            yield em
-
-
-@pytest.fixture
-def fused():
-    with fused_kernels() as em:
-        yield em
 
 
 @pytest.fixture
