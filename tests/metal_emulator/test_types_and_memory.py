@@ -197,3 +197,17 @@ def test_traffic_counts_vector_loads_by_bytes():
     r = me.last_launch("vec_load")
     assert r["inp"].bytes_read == 64 * 16 and r["inp"].distinct_read == 256 and r["inp"].elements_read == 256
     assert r["out"].distinct_written == 64
+
+
+def test_metal_float_constants():
+    src = """
+      uint i = thread_position_in_grid.x;
+      float c[7] = {INFINITY, -INFINITY, NAN, HUGE_VALF, MAXFLOAT, FLT_MIN, FLT_EPSILON};
+      out[i] = c[i] + 0.0f * inp[i];
+    """
+    k = me.metal_kernel("float_constants", ["inp"], ["out"], src)
+    (out,) = k(inputs=[mx.zeros((8,))], grid=(7, 1, 1), threadgroup=(7, 1, 1),
+               output_shapes=[(7,)], output_dtypes=[mx.float32])
+    f32 = np.finfo(np.float32)
+    want = np.array([np.inf, -np.inf, np.nan, np.inf, f32.max, f32.tiny, f32.eps], dtype=np.float32)
+    np.testing.assert_array_equal(np.array(out), want)

@@ -306,6 +306,22 @@ inline mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(int(a) |
 }  // namespace metal
 using metal::mem_flags;
 
+// Metal's float constants (macros in metal_math too; replacing any the C library defined).
+#undef INFINITY
+#undef NAN
+#undef HUGE_VALF
+#undef MAXFLOAT
+#undef FLT_MAX
+#undef FLT_MIN
+#undef FLT_EPSILON
+#define INFINITY (metal::numeric_limits<float>::infinity())
+#define NAN (metal::numeric_limits<float>::quiet_NaN())
+#define HUGE_VALF INFINITY
+#define MAXFLOAT (metal::numeric_limits<float>::max())
+#define FLT_MAX MAXFLOAT
+#define FLT_MIN (metal::numeric_limits<float>::min())
+#define FLT_EPSILON (metal::numeric_limits<float>::epsilon())
+
 // ----------------------------------------------------------------- barriers ----
 // Call sites are identified by __builtin_LINE (and __builtin_COLUMN where the compiler has it).
 #if defined(__has_builtin)
