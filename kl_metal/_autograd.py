@@ -1,7 +1,7 @@
 """The per-row KL primitive with explicit autograd rules, one `mx.custom_function` per backend.
 
 A backend (`fallback`, `metal`) implements four functions on arrays shaped (outer, D, inner), reducing
-over axis 1 (D) in float32:
+over axis 1 (D) in float32 (float64 for float64 arguments, which only the fallback takes):
 
     row_loss(x, t, w)              -> (loss, saved)   loss[o, i] = w[o, i] * sum_d term(x, t)  (float32)
     grad_inputs(t, g, saved, dt)   -> d loss / d x = -exp(t) * g                 (dtype dt)
@@ -22,7 +22,7 @@ import mlx.core as mx
 
 
 def _weights(g: mx.array, w) -> mx.array:
-    g = g.astype(mx.float32)
+    g = g.astype(mx.result_type(g.dtype, mx.float32))  # float32, or float64 on a float64 loss
     return g if w is None else g * w
 
 
@@ -53,14 +53,15 @@ def primitive(backend):
         x, t, w = primals
         tx, tt = tangents[0], tangents[1]
         loss, saved = backend.row_loss(x, t, w)
-        weights = mx.ones(loss.shape, mx.float32) if w is None else w
-        tangent = mx.zeros(loss.shape, mx.float32)
+        dtype = loss.dtype
+        weights = mx.ones(loss.shape, dtype) if w is None else w
+        tangent = mx.zeros(loss.shape, dtype)
         if tx is not None:
-            dx = backend.grad_inputs(t, weights, saved, mx.float32)
-            tangent = tangent + (dx * tx.astype(mx.float32)).sum(axis=1)
+            dx = backend.grad_inputs(t, weights, saved, dtype)
+            tangent = tangent + (dx * tx.astype(dtype)).sum(axis=1)
         if tt is not None:
-            dt = backend.grad_targets(x, t, weights, saved).astype(mx.float32)
-            tangent = tangent + (dt * tt.astype(mx.float32)).sum(axis=1)
+            dt = backend.grad_targets(x, t, weights, saved).astype(dtype)
+            tangent = tangent + (dt * tt.astype(dtype)).sum(axis=1)
         # The saved arrays are internal (never returned to users): their tangents are never read.
         return [tangent, *(mx.zeros_like(s) for s in saved)]
 
@@ -87,5 +88,6 @@ def primitive(backend):
 
 
 def kl_rows(backend, x: mx.array, t: mx.array, w) -> mx.array:
-    """Per-row weighted KL, float32, shape (outer, inner), differentiable in x and t."""
+    """Per-row weighted KL, float32 (float64 for float64 arguments), shape (outer, inner), differentiable
+    in x and t."""
     return primitive(backend)(x, t, w)[0]

@@ -354,10 +354,18 @@ def logit_rows(backend, s: mx.array, t: mx.array, w, inv_temperature: float) -> 
 def _decide(problem: _Problem) -> dispatch.Decision:
     rows, length = problem.s.shape
     decision = dispatch.decide((rows, length, 1), problem.s.dtype, problem.t.dtype, problem.w is not None)
+    if decision.path == "fused" and rows > metal.MAX_GRID:
+        why = f"{rows} rows exceed the fused logits kernels' grid ({metal.MAX_GRID})"
+        if decision.setting == "fused":
+            raise RuntimeError(f"KL_METAL_BACKEND=fused, but the fused kernels can't run here: {why}")
+        return dataclasses.replace(decision, path="fallback", reason=why, backend=_Fallback, launch=None,
+                                   gradient_launches=())
     if decision.path != "fused":
         return dataclasses.replace(decision, backend=_Fallback)
-    plan = plan_forward(rows, length, problem.s.dtype, problem.t.dtype, problem.w is not None)
-    return dataclasses.replace(decision, backend=_Fused, launch=plan)
+    dtypes = (problem.s.dtype, problem.t.dtype)
+    forward = plan_forward(rows, length, *dtypes, problem.w is not None)
+    gradients = tuple(plan_gradient(which, rows, length, *dtypes) for which in ("student", "teacher"))
+    return dataclasses.replace(decision, backend=_Fused, launch=forward, gradient_launches=gradients)
 
 
 def kl_div_from_logits(

@@ -29,6 +29,8 @@ SUBNORMAL_HALF_SPACING = {mx.float32: 2.0**-150, mx.float16: 2.0**-25, mx.bfloat
 def f64(a) -> np.ndarray:
     """An mx.array (any float dtype) as float64 numpy, exactly."""
     if isinstance(a, mx.array):
+        if a.dtype == mx.float64:
+            return np.array(a)
         return np.array(a.astype(mx.float32)).astype(np.float64)
     return np.asarray(a, dtype=np.float64)
 

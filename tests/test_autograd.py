@@ -122,3 +122,12 @@ def test_unrequested_gradient_is_not_in_the_graph(tmp_path):
     dx_ops, dt_ops = _ops_after_primitive(dx, path), _ops_after_primitive(dt, path)
     assert "Add" not in dx_ops and "Multiply" in dx_ops
     assert "Add" in dt_ops
+
+
+@pytest.mark.parametrize("cotangent", [float("nan"), float("inf")])
+def test_zero_probability_gradients_stay_zero_under_a_non_finite_cotangent(cotangent):
+    x = mx.array([[-1.0, -0.5]])
+    t = mx.array([[-float("inf"), 0.0]])
+    _, (dx, dt) = mx.vjp(lambda a, b: [kl_metal.kl_div_loss(a, b)], [x, t], [mx.array([cotangent])])
+    assert float(dx[0, 0]) == 0.0 and float(dt[0, 0]) == 0.0  # t == -inf: exactly 0, whatever g is
+    assert not np.isfinite(np.array(dx)[0, 1])

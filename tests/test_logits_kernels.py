@@ -251,6 +251,9 @@ def test_public_function_end_to_end(fused, clean_env, reduction):
     mask = mx.array([[True, False, True], [True, True, False]])
     decision = logits.explain_from_logits(s, t, temperature=2.0, mask=mask)
     assert decision.path == "fused" and decision.launch.kernel == "kl_logits_forward"
+    assert [plan.kernel for plan in decision.gradient_launches] == ["kl_logits_grad_student",
+                                                                     "kl_logits_grad_teacher"]
+    assert "kl_logits_grad_teacher" in str(decision) and "kl_grad_inputs" not in str(decision)
     check(s, t, 2.0, -1, reduction, mask, what="fused end to end")  # (the composed ops' looser chain)
     ds, dt = mx.grad(lambda a, b: logits.kl_div_from_logits(a, b, temperature=2.0, reduction=reduction,
                                                              mask=mask).astype(mx.float32).sum(), argnums=(0, 1))(s, t)

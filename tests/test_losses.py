@@ -268,3 +268,29 @@ def test_property_against_oracle(problem):
     with np.errstate(invalid="ignore"):
         error = np.abs(got - want)
     assert np.all(error[finite] <= np.broadcast_to(tol, np.shape(want))[finite])
+
+
+def test_float64_keeps_its_precision():
+    # float64 (CPU only in MLX) is computed in float64: a tiny KL between near-identical rows keeps its
+    # digits (in float32 arithmetic, t - x ~ 1e-12 next to values near 1 is lost: 96% error).
+    x = mx.array([[-1e-9, -300.0, -1.0]], dtype=mx.float64)
+    t = mx.array([[-1e-9 + 1e-12, -200.0, -1.0 + 1e-10]], dtype=mx.float64)
+    with mx.stream(mx.cpu):
+        got = kl_metal.kl_div_loss(x, t)
+        dx = mx.grad(lambda a: kl_metal.kl_div_loss(a, t, reduction="sum"))(x)
+        p = mx.exp(t)
+    assert got.dtype == mx.float64 and dx.dtype == mx.float64
+    # MLX's own float64 exp on the CPU is only about float32-accurate (exp(-200) underflows to 0), so
+    # the float64 oracle bounds the result by the terms' float32-size relative error, 1e-7 of each term,
+    # a million times tighter than the float32 path's error here.
+    want = oracle(x, t)
+    assert abs(float(got[0]) - want[0]) <= 1e-7 * magnitude(x, t)[0]
+    np.testing.assert_array_equal(np.array(dx), -np.array(p))  # exactly -exp(t), in float64
+
+
+def test_infinite_inputs_without_nan_are_not_mistaken_for_nan():
+    # +inf and -inf inputs under zero-probability targets: those terms are 0, the row is the last term.
+    inf = float("inf")
+    x = mx.array([[inf, -inf, -1.0]])
+    t = mx.array([[-inf, -inf, 0.0]])
+    np.testing.assert_allclose(np.array(kl_metal.kl_div_loss(x, t)), [1.0])
