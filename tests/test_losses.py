@@ -1,7 +1,6 @@
 """kl_metal.kl_div_loss semantics against a float64 numpy oracle (whatever path runs here)."""
 from __future__ import annotations
 
-import math
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -99,8 +98,15 @@ def test_half_precision_rows_are_within_one_rounding(dtype, length):
     x, t = log_probs(rng, (4, length), dtype=dtype), log_probs(rng, (4, length), dtype=dtype)
     want = oracle(x, t)  # float64 truth on the very values the kernels read
     got = f64(kl_metal.kl_div_loss(x, t))
-    ulp = EPS[dtype] * 2.0 ** np.floor(np.log2(np.abs(want)))  # one ulp of the output dtype at |want|
-    assert np.all(np.abs(got - want) <= ulp), (got, want)
+    assert np.all(np.abs(got - want) <= one_rounding(want, dtype, magnitude(x, t))), (got, want)
+
+
+def one_rounding(want, dtype, scale):
+    """One rounding to `dtype` (half its ulp at |want|) plus float32 summation error: 64 eps32 of
+    sum |term| leaves room for any reasonable summation order and is far below half an ulp of the half
+    types (2^-9 or 2^-12 relative) on these well-conditioned rows."""
+    half_ulp = 0.5 * EPS[dtype] * 2.0 ** np.floor(np.log2(np.abs(want)))
+    return half_ulp + 64 * 2.0**-23 * scale
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
@@ -110,7 +116,8 @@ def test_half_precision_reductions_over_many_rows_are_within_one_rounding(dtype,
     x, t = log_probs(rng, (4096, 64), dtype=dtype), log_probs(rng, (4096, 64), dtype=dtype)
     want = float(oracle(x, t, reduction=reduction))
     got = float(f64(kl_metal.kl_div_loss(x, t, reduction=reduction)))
-    assert abs(got - want) <= EPS[dtype] * 2.0 ** math.floor(math.log2(abs(want)))
+    scale = magnitude(x, t).sum() / (x.shape[0] if reduction == "mean" else 1)
+    assert abs(got - want) <= one_rounding(np.float64(want), dtype, scale)
 
 
 def test_zero_probability_targets_give_zero_terms_not_nan():
