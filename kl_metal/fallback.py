@@ -18,8 +18,6 @@ import functools
 
 import mlx.core as mx
 
-NAME = "fallback"
-
 
 def compute_dtype(*dtypes: mx.Dtype) -> mx.Dtype:
     """float32 for every argument dtype but float64, which keeps its precision."""

@@ -88,8 +88,6 @@ class _Fallback:
     (two exps per element) instead of keeping full-size float32 copies from the forward.
     """
 
-    NAME = "fallback"
-
     @staticmethod
     def forward(s, t, w, inv_temperature):
         rows, length = s.shape
@@ -235,7 +233,6 @@ def plan_gradient(which: str, rows: int, length: int, s_dtype, t_dtype) -> metal
 class _Fused:
     """The primitive as the kernels of kernels/kl_logits.metal: one launch per call."""
 
-    NAME = "fused"
 
     @staticmethod
     def forward(s, t, w, inv_temperature):

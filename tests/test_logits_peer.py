@@ -30,10 +30,9 @@ metal_emulator = pytest.importorskip("metal_emulator")
 
 
 def load_mlx_lm_losses(metal_kernel):
-    """mlx_lm/tuner/losses.py as installed, its kernels built by `metal_kernel`; skips if mlx-lm is absent."""
+    """mlx_lm/tuner/losses.py as installed (the test extra brings mlx-lm), its kernels built by `metal_kernel`."""
     spec = importlib.util.find_spec("mlx_lm")  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("mlx-lm is not installed (pip install '.[peer]')")
+    assert spec is not None and spec.submodule_search_locations, "mlx-lm is not installed: pip install '.[test]'"
     package = Path(list(spec.submodule_search_locations)[0])
     stubs = {name: types.ModuleType(name) for name in ("mlx_lm", "mlx_lm.tuner", "mlx_lm.utils")}
     stubs["mlx_lm"].__path__ = [str(package)]
