@@ -69,9 +69,10 @@ PRESETS = {
            Case("masked", (4096, 32000), "bfloat16", masked=True)),
         rounds=20,
     ),
-    # A 2-core CPU in a few minutes: the same vocabularies and layouts with fewer rows (~4M elements).
+    # A 2-core CPU in a few minutes: the same vocabularies and layouts with fewer rows (~4M elements),
+    # and 2048x32000 (65M elements), the size at which the fallback must match the reference on a CPU.
     "small": Preset(
-        _distill([(128, 32000), (32, 128256), (32, 151936)])
+        _distill([(128, 32000), (32, 128256), (32, 151936), (2048, 32000)])
         + (Case("classifier", (65536, 64), "float32"), Case("classifier", (4096, 1000), "float32"),
            Case("axis1", (2, 4096, 512), "float32", axis=1),
            Case("masked", (128, 32000), "bfloat16", masked=True)),

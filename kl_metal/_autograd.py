@@ -4,6 +4,8 @@ A backend (`fallback`, `metal`) implements four functions on arrays shaped (oute
 over axis 1 (D) in float32 (float64 for float64 arguments, which only the fallback takes):
 
     row_loss(x, t, w)              -> (loss, saved)   loss[o, i] = w[o, i] * sum_d term(x, t)  (float32)
+    regroup_saved(saved, b, shape) -> saved of a call on (b * outer, D, inner), laid out as a call on
+                                      `shape` = (outer, D, inner) lays it out, with a leading axis b
     grad_inputs(t, g, saved, dt)   -> d loss / d x = -exp(t) * g                 (dtype dt)
     grad_targets(x, t, g, saved)   -> d loss / d t =  exp(t) * (t - x + 1) * g   (dtype of t)
 
@@ -80,9 +82,11 @@ def primitive(backend):
         x, t, w = (batch_first(a, ax) for a, ax in zip(inputs, axes))
         outer = x.shape[1]
         merge = lambda a: None if a is None else a.reshape(batch * outer, *a.shape[2:])  # noqa: E731
-        outputs = kl_rows(merge(x), merge(t), merge(w))
-        outputs = [o.reshape(batch, outer, *o.shape[1:]) for o in outputs]
-        return outputs, [0] * len(outputs)
+        loss, *saved = kl_rows(merge(x), merge(t), merge(w))
+        loss = loss.reshape(batch, outer, *loss.shape[1:])
+        # The saved outputs must match the unbatched call's, which the backend may cut in parts.
+        saved = backend.regroup_saved(tuple(saved), batch, x.shape[1:])
+        return [loss, *saved], [0] * (1 + len(saved))
 
     return kl_rows
 

@@ -18,7 +18,7 @@ class Decision:
 
     `path` is "fused" or "fallback"; `launch` (fused only) is the forward kernel's plan: variant, grid,
     threadgroup and the `KL_METAL_*` values in effect; `gradient_launches` the plans of the d/dinputs and
-    d/dtargets kernels. `str(decision)` reads as a short report.
+    d/dtargets kernels; `chunking` (fallback only) how the composed ops cut the work. `str(decision)` reads as a short report.
     """
 
     path: str
@@ -32,6 +32,7 @@ class Decision:
     setting: str
     launch: Optional[object] = None
     gradient_launches: tuple = ()
+    chunking: Optional[str] = None
 
     def __str__(self) -> str:
         names = "/".join(str(d).split(".")[-1] for d in self.dtypes)
@@ -42,6 +43,8 @@ class Decision:
             f"dtypes {names}, device {self.device}",
             f"KL_METAL_BACKEND={self.setting}",
         ]
+        if self.chunking is not None:
+            lines.append(f"fallback: {self.chunking}")
         if self.launch is not None:
             lines.append("launch settings: " + " ".join(f"{k}={v}" for k, v in self.launch.settings.items()))
         for plan in filter(None, (self.launch, *self.gradient_launches)):
@@ -76,14 +79,15 @@ def decide(shape: tuple, x_dtype: mx.Dtype, t_dtype: mx.Dtype, weighted: bool) -
         device=str(device), setting=setting,
     )
     if setting == "fallback":
-        return Decision("fallback", "KL_METAL_BACKEND=fallback", fallback, **common)
+        return Decision("fallback", "KL_METAL_BACKEND=fallback", fallback, chunking=fallback.describe(shape),
+                        **common)
     present, why_present = metal.available(device)
     why_not = None if present else why_present
     why_not = why_not or _fusable(shape, (x_dtype, t_dtype))
     if why_not is not None:
         if setting == "fused":
             raise RuntimeError(f"KL_METAL_BACKEND=fused, but the fused kernels can't run here: {why_not}")
-        return Decision("fallback", why_not, fallback, **common)
+        return Decision("fallback", why_not, fallback, chunking=fallback.describe(shape), **common)
     forward = metal.plan(shape, x_dtype, t_dtype, weighted)
     gradients = tuple(metal.plan(shape, x_dtype, t_dtype, weighted, op=op) for op in ("grad_inputs", "grad_targets"))
     reason = why_present if setting == "auto" else f"KL_METAL_BACKEND=fused ({why_present})"

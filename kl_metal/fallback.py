@@ -4,24 +4,153 @@ Implements the backend contract shared with `metal.py` (see `_autograd.py`): arr
 and shaped (outer, D, inner), the reduction runs over axis 1 in float32 (float64 for float64 arguments,
 which only this path takes), `g` is the per-row cotangent with reduction scale and mask weights folded in.
 
-Design for speed on the CPU, where `exp` dominates (about 1 s per 65M elements): each function is one
-`mx.compile`d elementwise graph (fused into a single pass), and the forward keeps p = exp(t) in float32
-for the backward, as MLX's own autograd of the reference keeps its `exp(targets)`: no pass recomputes
-`exp`. Keeping p in float32 (not the targets' dtype) keeps gradients to one rounding; for half-precision
-targets it costs twice the reference's saved bytes. Under `mx.grad` and friends MLX does not compile
-(the arrays are tracers): these graphs then run op by op, which is why the gradient passes are slower
-than the reference's on the CPU (README, "Benchmarks").
+Design (README, "The composed-op path"). `exp` dominates on the CPU (about 1 s per 65M elements on one
+core), so the forward keeps p = exp(t) for the backward, as MLX's own autograd of the reference keeps its
+`exp(targets)`: no pass recomputes `exp`. Under `mx.grad` and friends MLX does not compile (the arrays
+are tracers) and every op is a full pass with a full-size temporary. So on the CPU each pass is cut into
+chunks of whole rows (about `KL_METAL_CPU_CHUNK` elements: cache-sized temporaries), spread round-robin
+over `KL_METAL_CPU_STREAMS` CPU streams, which MLX runs on threads of their own. Chunk k waits
+(`_after`) for chunk k - streams, so only one chunk per stream is in flight and the temporaries stay a
+few MB whatever order MLX evaluates the graph in. p is saved chunk by chunk (one saved array per chunk)
+in float32, or in bfloat16 when both arguments are bfloat16 (`saved_dtype`): half the bytes, one more
+rounding in the gradients, none in the loss. On a GPU device a pass is one chunk (the whole arrays)
+and one compiled graph.
 """
 from __future__ import annotations
 
 import functools
+import os
+from typing import Callable, Optional
 
 import mlx.core as mx
+
+from . import config
+
+CPU_CHUNK = config.register(
+    config.integer(
+        "KL_METAL_CPU_CHUNK",
+        1 << 19,
+        1,
+        2**31 - 1,
+        "fallback on the CPU: elements per chunk of whole rows (a row longer than this is a chunk of "
+        "its own); the default keeps a float32 temporary at 2 MiB, cache-sized",
+    )
+)
+CPU_STREAMS = config.register(
+    config.integer(
+        "KL_METAL_CPU_STREAMS",
+        None,
+        1,
+        64,
+        "fallback on the CPU: number of streams (threads) the chunks are spread over "
+        "(default: the CPU count, at most 8)",
+    )
+)
 
 
 def compute_dtype(*dtypes: mx.Dtype) -> mx.Dtype:
     """float32 for every argument dtype but float64, which keeps its precision."""
     return mx.float64 if mx.float64 in dtypes else mx.float32
+
+
+def saved_dtype(x_dtype: mx.Dtype, t_dtype: mx.Dtype) -> mx.Dtype:
+    """The dtype p = exp(t) is kept in for the backward: bfloat16 when both gradients are bfloat16
+    (float32's range, so no probability flushes to zero; the gradients get a second rounding of the
+    same size as their own), else the compute dtype: a float32 or float64 gradient needs p's full
+    precision, and float16's range would flush p < 6e-8 to zero."""
+    both_bfloat16 = x_dtype == t_dtype == mx.bfloat16
+    return mx.bfloat16 if both_bfloat16 else compute_dtype(x_dtype, t_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_streams(count: int) -> tuple:
+    return tuple(mx.new_stream(mx.cpu) for _ in range(count))
+
+
+def _streams() -> tuple:
+    return _cpu_streams(CPU_STREAMS.get() or min(8, os.cpu_count() or 1))
+
+
+def chunks(outer: int, row_elements: int) -> list:
+    """How a pass over `outer` rows of `row_elements` elements each is cut: [(rows, stream)], `rows` a
+    slice along axis 0 and `stream` None for the default stream (a single chunk: the whole arrays)."""
+    rows = max(1, CPU_CHUNK.get() // max(1, row_elements))
+    streams = _streams()  # read (and validated) on every call, like every KL_METAL_* variable
+    if mx.default_device() != mx.cpu or rows >= outer:
+        return [(slice(0, outer), None)]
+    return [(slice(start, start + rows), streams[k % len(streams)])
+            for k, start in enumerate(range(0, outer, rows))]
+
+
+def _chunks_of(saved: tuple) -> list:
+    """The chunks `row_loss` cut its rows into, read back from what it saved (one array per chunk), so
+    that a backward pass cuts its rows the same way whatever the settings are by then."""
+    if len(saved) == 1:
+        return [(slice(0, saved[0].shape[0]), None)]
+    streams, plan, start = _streams(), [], 0
+    for k, p in enumerate(saved):
+        plan.append((slice(start, start + p.shape[0]), streams[k % len(streams)]))
+        start += p.shape[0]
+    return plan
+
+
+def describe(shape: tuple) -> str:
+    """How the fallback cuts a problem of `shape` = (outer, D, inner), for `kl_metal.explain`."""
+    outer, length, inner = shape
+    plan = chunks(outer, length * inner)
+    if len(plan) == 1:
+        return "one pass over the whole arrays per operation"
+    rows = plan[0][0].stop
+    streams = len({id(stream) for _, stream in plan})
+    setting = CPU_STREAMS.get() or f"{len(_streams())} (the CPU count)"
+    return (f"{len(plan)} chunks of {rows} rows over {streams} CPU streams "
+            f"({CPU_CHUNK.name}={CPU_CHUNK.get()}, {CPU_STREAMS.name}={setting})")
+
+
+@mx.custom_function
+def _after(parts: list, done: list) -> list:
+    """`parts` unchanged (no copy), but evaluated only after `done`: `mx.depends` with the rules of
+    an identity, as `mx.vmap` has none for `mx.depends` (and transforms the forward graph too)."""
+    return list(parts)
+
+
+@_after.vjp
+def _after_vjp(primals, cotangents, outputs):
+    return list(cotangents), [mx.zeros_like(d) for d in primals[1]]
+
+
+@_after.jvp
+def _after_jvp(primals, tangents):
+    return list(tangents[0])
+
+
+@_after.vmap
+def _after_vmap(inputs, axes):
+    return list(inputs[0]), list(axes[0])
+
+
+def _run(plan: list, fn: Callable, arrays: list, saved: Optional[tuple] = None) -> list:
+    """[fn(*row slices of `arrays`[, saved part]) for each chunk of `plan`], each on its chunk's stream.
+
+    Chunk k's inputs wait for chunk k - streams's results, so that one chunk per stream is in flight.
+    A single chunk is fn on the whole arrays, on the default stream."""
+    extra = lambda k: [] if saved is None else [saved[k]]  # noqa: E731
+    if len(plan) == 1:
+        return [fn(*arrays, *extra(0))]
+    lag = len({id(stream) for _, stream in plan})
+    results = []
+    for k, (rows, stream) in enumerate(plan):
+        parts = [a[rows] for a in arrays]
+        if k >= lag:
+            done = results[k - lag]
+            parts = _after(parts, list(done) if isinstance(done, tuple) else [done])
+        with mx.stream(stream):
+            results.append(fn(*parts, *extra(k)))
+    return results
+
+
+def _join(parts: list) -> mx.array:
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
 
 
 def _exclude(t: mx.array, g: mx.array) -> mx.array:
@@ -30,7 +159,7 @@ def _exclude(t: mx.array, g: mx.array) -> mx.array:
 
 
 @functools.lru_cache(maxsize=None)
-def _forward(dtype: mx.Dtype):
+def _forward(dtype: mx.Dtype, saved: mx.Dtype):
     @mx.compile
     def forward(x: mx.array, t: mx.array):
         tf, xf = t.astype(dtype), x.astype(dtype)
@@ -40,7 +169,13 @@ def _forward(dtype: mx.Dtype):
         term = mx.where(tf == -mx.inf, zero_probability, p * (tf - xf))
         return term.sum(axis=1), p
 
-    return forward
+    def forward_saving(x: mx.array, t: mx.array):
+        # The cast stays outside the compiled graph: inside it, MLX 0.32 stops fusing and materializes
+        # every float32 intermediate (measured: 7x the bytes of a bfloat16 argument instead of 5x).
+        loss, p = forward(x, t)
+        return loss, p.astype(saved)
+
+    return forward if saved == dtype else forward_saving
 
 
 @mx.compile
@@ -49,11 +184,13 @@ def _weigh(loss: mx.array, w: mx.array) -> mx.array:
 
 
 def row_loss(x: mx.array, t: mx.array, w):
-    """Per-row loss w * sum_d exp(t) * (t - x), shape (outer, inner); saved = (exp(t),)."""
-    loss, p = _forward(compute_dtype(x.dtype, t.dtype))(x, t)
+    """Per-row loss w * sum_d exp(t) * (t - x), shape (outer, inner); saved = exp(t), one per chunk."""
+    forward = _forward(compute_dtype(x.dtype, t.dtype), saved_dtype(x.dtype, t.dtype))
+    results = _run(chunks(x.shape[0], x.shape[1] * x.shape[2]), forward, [x, t])
+    loss = _join([loss for loss, _ in results])
     if w is not None:
         loss = _weigh(loss, w)
-    return loss, (p,)
+    return loss, tuple(p for _, p in results)
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,17 +205,26 @@ def _grad_inputs(dtype: mx.Dtype):
 
 def grad_inputs(t: mx.array, g: mx.array, saved, dtype: mx.Dtype) -> mx.array:
     """d loss / d inputs = -exp(t) * g, exactly 0 where t == -inf or g == 0."""
-    return _grad_inputs(dtype)(t, g, saved[0])
+    return _join(_run(_chunks_of(saved), _grad_inputs(dtype), [t, g], saved))
 
 
 @mx.compile
 def _grad_targets(x, t, g, p):
     g = mx.expand_dims(g, 1)
-    tf = t.astype(p.dtype)
-    value = p * (tf - x.astype(p.dtype) + 1.0) * g
+    dtype = compute_dtype(x.dtype, t.dtype)
+    tf = t.astype(dtype)
+    value = p.astype(dtype) * (tf - x.astype(dtype) + 1.0) * g
     return mx.where(_exclude(t, g), 0.0, value).astype(t.dtype)
 
 
 def grad_targets(x: mx.array, t: mx.array, g: mx.array, saved) -> mx.array:
     """d loss / d targets = exp(t) * (t - x + 1) * g, exactly 0 where t == -inf or g == 0."""
-    return _grad_targets(x, t, g, saved[0])
+    return _join(_run(_chunks_of(saved), _grad_targets, [x, t, g], saved))
+
+
+def regroup_saved(saved: tuple, batch: int, shape: tuple) -> tuple:
+    """`saved` of a call on (batch * outer, D, inner) arrays, cut as a call on (outer, D, inner) arrays
+    cuts it, each part with a leading batch axis: what `mx.vmap` of the forward must produce."""
+    outer, length, inner = shape
+    p = _join(list(saved)).reshape(batch, outer, length, inner)
+    return tuple(p[:, rows] for rows, _ in chunks(outer, length * inner))

@@ -136,8 +136,10 @@ def kl_div_loss(
     * A zero per-row cotangent (e.g. a masked row) gives exactly zero gradients for the row.
     * ``'mean'`` over zero rows is NaN, like the reference; an axis of length 0 gives zeros.
     * Gradients: d/dinputs = -exp(t) * g, d/dtargets = exp(t) * (t - x + 1) * g, with g the per-row
-      cotangent; each is computed only when asked for (a teacher under ``mx.stop_gradient`` costs
-      nothing). ``mx.grad``, ``mx.vjp``, ``mx.jvp`` and ``mx.compile`` (not shapeless) work on both paths;
+      cotangent, in float32 and rounded once to the argument's dtype (twice on the composed-op path
+      when both arguments are bfloat16: it keeps exp(t) in bfloat16 for the backward, to hold no more
+      memory than the reference); each is computed only when asked for (a teacher under
+      ``mx.stop_gradient`` costs nothing). ``mx.grad``, ``mx.vjp``, ``mx.jvp`` and ``mx.compile`` (not shapeless) work on both paths;
       ``mx.vmap`` works on the composed-op path only: MLX 0.32 vmaps every operation inside a custom
       function, and a Metal kernel launch has no vmap (set ``KL_METAL_BACKEND=fallback`` under vmap).
     * Integer, bool and complex arguments are rejected (TypeError), not converted.

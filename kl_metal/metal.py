@@ -359,6 +359,11 @@ def _grad(op: str, x, t: mx.array, g: mx.array, dtype) -> mx.array:
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
 
 
+def regroup_saved(saved: tuple, batch: int, shape: tuple) -> tuple:
+    """Nothing is saved: nothing to regroup under `mx.vmap` (see fallback.regroup_saved)."""
+    return ()
+
+
 def grad_inputs(t: mx.array, g: mx.array, saved, dtype) -> mx.array:
     """d loss / d inputs = -exp(t) * g, shape of t, dtype `dtype`; exactly 0 where t == -inf or g == 0."""
     return _grad("grad_inputs", None, t, g, dtype)

@@ -11,6 +11,9 @@ import pytest
 import kl_metal
 from _oracle import as_mx, assert_grads_close, f64, grad_inputs, grad_targets
 
+# Every test here runs on the fallback both in one piece and cut into row chunks (conftest.py).
+pytestmark = pytest.mark.usefixtures("fallback_chunking")
+
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 
 
@@ -36,11 +39,14 @@ def test_gradients_match_the_analytic_formula(x_dtype, t_dtype):
     # The cotangent reaches the primitive through the cast of the loss from its output dtype, so it
     # arrives rounded to that dtype: the oracle uses the same rounded cotangent.
     g = cotangent.astype(mx.result_type(x_dtype, t_dtype)).reshape(6, 1)
-    # Tolerances: float32 math, then one rounding to each gradient's dtype (see _oracle).
+    # Tolerances: float32 math, then one rounding to each gradient's dtype (see _oracle); the fallback
+    # keeps exp(t) in bfloat16 when both arguments are bfloat16, which is a second rounding of that size.
+    on_fallback = kl_metal.explain(x, t).path == "fallback"
+    roundings = 2 if on_fallback and x_dtype == t_dtype == mx.bfloat16 else 1
     want, scale = grad_inputs(as_rows(t), g)
-    assert_grads_close(as_rows(dx), want, scale, "dx")
+    assert_grads_close(as_rows(dx), want, scale, "dx", roundings)
     want, scale = grad_targets(as_rows(x), as_rows(t), g)
-    assert_grads_close(as_rows(dt), want, scale, "dt")
+    assert_grads_close(as_rows(dt), want, scale, "dt", roundings)
 
 
 def test_gradients_match_mlx_reference_where_finite():
@@ -99,6 +105,9 @@ def test_vmap_matches_a_loop_and_differentiates():
     grads = mx.grad(lambda a: mx.vmap(f)(a).sum())(xs)
     want, _ = grad_inputs(as_rows(mx.broadcast_to(t, (3, 4, 10)).reshape(12, 10)), mx.ones((12, 1)))
     np.testing.assert_allclose(np.array(grads).reshape(12, 10), want.reshape(12, 10), rtol=1e-6)
+    # ... and the other way round: gradients inside vmap, which read the forward's saved outputs.
+    per_example = mx.vmap(mx.grad(lambda a: f(a).sum()))(xs)
+    np.testing.assert_allclose(np.array(per_example).reshape(12, 10), want.reshape(12, 10), rtol=1e-6)
     # vmap over both operands, along a non-leading axis of one of them.
     ts = data((4, 3, 10), seed=16)
     both = mx.vmap(kl_metal.kl_div_loss, in_axes=(0, 1))(xs, ts)

@@ -3,6 +3,7 @@ tested under the emulator in test_kernels*.py)."""
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 import kl_metal
@@ -87,3 +88,35 @@ def test_axes_beyond_the_kernel_grid_take_the_fallback(monkeypatch):
             kl_metal.explain(mx.zeros((2, 100)), mx.zeros((2, 100)))
     finally:
         metal.set_kernel_factory(previous)
+
+
+def test_explain_reports_how_the_fallback_cuts_the_rows(monkeypatch):
+    monkeypatch.delenv("KL_METAL_BACKEND", raising=False)
+    monkeypatch.setenv("KL_METAL_CPU_CHUNK", "4000")
+    monkeypatch.setenv("KL_METAL_CPU_STREAMS", "3")
+    decision = kl_metal.explain(mx.zeros((10, 1000)), mx.zeros((10, 1000)))
+    assert decision.chunking.startswith("3 chunks of 4 rows over 3 CPU streams")  # rows 0-3, 4-7, 8-9
+    assert "fallback: 3 chunks" in str(decision)
+    monkeypatch.setenv("KL_METAL_CPU_CHUNK", "10000")
+    assert kl_metal.explain(mx.zeros((10, 1000)), mx.zeros((10, 1000))).chunking.startswith("one pass")
+
+
+@pytest.mark.parametrize("name, bad", [("KL_METAL_CPU_CHUNK", "0"), ("KL_METAL_CPU_STREAMS", "65"),
+                                       ("KL_METAL_CPU_STREAMS", "two")])
+def test_invalid_fallback_settings_are_named(monkeypatch, name, bad):
+    monkeypatch.setenv(name, bad)
+    with pytest.raises(ValueError, match=rf"{name}={bad!r} is invalid"):
+        kl_metal.kl_div_loss(mx.zeros((4, 100)), mx.zeros((4, 100)))
+
+
+def test_the_backward_cuts_rows_as_its_forward_did(monkeypatch):
+    # Settings read by the backward may differ from the forward's (a changed environment): the backward
+    # follows the chunks the forward saved exp(t) in, and the gradient is still right.
+    monkeypatch.setenv("KL_METAL_BACKEND", "fallback")
+    x, t = mx.random.normal((6, 8), key=mx.random.key(1)), mx.random.normal((6, 8), key=mx.random.key(2))
+    monkeypatch.setenv("KL_METAL_CPU_CHUNK", "16")  # 2 rows per chunk
+    loss, saved = fallback.row_loss(x[..., None], t[..., None], None)
+    assert [p.shape[0] for p in saved] == [2, 2, 2]
+    monkeypatch.setenv("KL_METAL_CPU_CHUNK", "24")  # 3 rows per chunk, had the backward re-read it
+    dx = fallback.grad_inputs(t[..., None], mx.ones((6, 1)), saved, mx.float32)
+    np.testing.assert_allclose(np.array(dx)[..., 0], -np.exp(np.array(t, dtype=np.float64)), rtol=1e-6)

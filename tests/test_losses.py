@@ -11,6 +11,9 @@ from hypothesis import given, settings, strategies as st
 import kl_metal
 from _oracle import as_mx, f64, row_terms
 
+# Every test here runs on the fallback both in one piece and cut into row chunks (conftest.py).
+pytestmark = pytest.mark.usefixtures("fallback_chunking")
+
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 EPS = {mx.float32: 2.0**-23, mx.float16: 2.0**-10, mx.bfloat16: 2.0**-7}  # one ulp at 1.0
 
