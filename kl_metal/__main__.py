@@ -20,8 +20,10 @@ from . import __version__, config, dispatch, explain, kl_div_loss, metal, tune
 CHECK_SHAPE = (16, 4099)  # odd length: exercises partial threadgroups and simdgroups on the fused path
 TIMING_SHAPE = (256, 32000)
 # Per-dtype tolerance of the self-check, relative to sum |term| of a row (loss) or to |value| (gradients):
-# float32 math over 4099 terms is far inside 1e-4; half types add one rounding of the output (2^-8).
-TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 8e-3}
+# float32 math over 4099 terms is far inside 1e-4; half types add one rounding of the output (2^-11
+# float16, 2^-8 bfloat16), and bfloat16 gradients on the composed-op path a second one (exp(t) is kept
+# in bfloat16 there): 2 * 2^-8 = 7.8e-3, with half as much again for margin.
+TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 1.2e-2}
 # Gradients below a dtype's smallest normal number are compared absolutely (float16 flushes
 # exp(t) < 6e-5 to subnormals or 0): the floor of the relative error's denominator.
 SMALLEST_NORMAL = {mx.float32: 1.2e-38, mx.float16: 6.1e-5, mx.bfloat16: 1.2e-38}

@@ -8,18 +8,21 @@ Design (README, "The composed-op path"). `exp` dominates on the CPU (about 1 s p
 core), so the forward keeps p = exp(t) for the backward, as MLX's own autograd of the reference keeps its
 `exp(targets)`: no pass recomputes `exp`. Under `mx.grad` and friends MLX does not compile (the arrays
 are tracers) and every op is a full pass with a full-size temporary. So on the CPU each pass is cut into
-chunks of whole rows (about `KL_METAL_CPU_CHUNK` elements: cache-sized temporaries), spread round-robin
+chunks of whole rows (about `KL_METAL_CPU_CHUNK` elements: cache-sized temporaries; for a reduction
+over a non-last axis the unit is a slice along the leading axes, D x inner elements), spread round-robin
 over `KL_METAL_CPU_STREAMS` CPU streams, which MLX runs on threads of their own. Chunk k waits
 (`_after`) for chunk k - streams, so only one chunk per stream is in flight and the temporaries stay a
-few MB whatever order MLX evaluates the graph in. p is saved chunk by chunk (one saved array per chunk)
-in float32, or in bfloat16 when both arguments are bfloat16 (`saved_dtype`): half the bytes, one more
-rounding in the gradients, none in the loss. On a GPU device a pass is one chunk (the whole arrays)
+few MB whatever order MLX evaluates the graph in (at most `MAX_CHUNKS` chunks). p is saved chunk by
+chunk (one saved array per chunk) in the compute dtype (float32, or float64), or in bfloat16 when both
+arguments are bfloat16 (`saved_dtype`): half the bytes, one more rounding in the gradients, none in
+the loss. On a GPU device a pass is one chunk (the whole arrays)
 and one compiled graph.
 """
 from __future__ import annotations
 
 import functools
 import os
+import threading
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -36,6 +39,7 @@ CPU_CHUNK = config.register(
         "its own); the default keeps a float32 temporary at 2 MiB, cache-sized",
     )
 )
+MAX_CHUNKS = 256  # 1000 chunks cost 0.4 s of graph handling per step (MLX, quadratic in the count)
 CPU_STREAMS = config.register(
     config.integer(
         "KL_METAL_CPU_STREAMS",
@@ -62,19 +66,25 @@ def saved_dtype(x_dtype: mx.Dtype, t_dtype: mx.Dtype) -> mx.Dtype:
     return mx.bfloat16 if both_bfloat16 else compute_dtype(x_dtype, t_dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_streams(count: int) -> tuple:
-    return tuple(mx.new_stream(mx.cpu) for _ in range(count))
+_THREAD = threading.local()  # MLX streams belong to the thread that made them: one pool per thread
 
 
 def _streams() -> tuple:
-    return _cpu_streams(CPU_STREAMS.get() or min(8, os.cpu_count() or 1))
+    """The CPU streams chunks are dealt to, `KL_METAL_CPU_STREAMS` of them, made by this thread (MLX
+    never frees a stream, so a changed setting reuses the ones made before)."""
+    count = CPU_STREAMS.get() or min(8, os.cpu_count() or 1)
+    pool = _THREAD.__dict__.setdefault("streams", [])
+    while len(pool) < count:
+        pool.append(mx.new_stream(mx.cpu))
+    return tuple(pool[:count])
 
 
 def chunks(outer: int, row_elements: int) -> list:
     """How a pass over `outer` rows of `row_elements` elements each is cut: [(rows, stream)], `rows` a
     slice along axis 0 and `stream` None for the default stream (a single chunk: the whole arrays)."""
-    rows = max(1, CPU_CHUNK.get() // max(1, row_elements))
+    # Each chunk adds a saved output to the custom function, and MLX handles those in quadratic time:
+    # beyond MAX_CHUNKS chunks, chunks grow instead.
+    rows = max(1, CPU_CHUNK.get() // max(1, row_elements), -(-outer // MAX_CHUNKS))
     streams = _streams()  # read (and validated) on every call, like every KL_METAL_* variable
     if mx.default_device() != mx.cpu or rows >= outer:
         return [(slice(0, outer), None)]
@@ -101,9 +111,10 @@ def describe(shape: tuple) -> str:
     if len(plan) == 1:
         return "one pass over the whole arrays per operation"
     rows = plan[0][0].stop
+    unit = "rows" if inner == 1 else f"slices of {length}x{inner} elements"
     streams = len({id(stream) for _, stream in plan})
-    setting = CPU_STREAMS.get() or f"{len(_streams())} (the CPU count)"
-    return (f"{len(plan)} chunks of {rows} rows over {streams} CPU streams "
+    setting = CPU_STREAMS.get() or f"{len(_streams())} (default)"
+    return (f"{len(plan)} chunks of {rows} {unit} over {streams} CPU streams "
             f"({CPU_CHUNK.name}={CPU_CHUNK.get()}, {CPU_STREAMS.name}={setting})")
 
 
@@ -121,12 +132,39 @@ def _after_vjp(primals, cotangents, outputs):
 
 @_after.jvp
 def _after_jvp(primals, tangents):
-    return list(tangents[0])
+    # A tangent that came only through `done` leaves None for the parts; MLX 0.32 crashes on a jvp rule
+    # returning only None.
+    return [mx.zeros_like(p) if d is None else d for p, d in zip(primals[0], tangents[0])]
 
 
 @_after.vmap
 def _after_vmap(inputs, axes):
     return list(inputs[0]), list(axes[0])
+
+
+@mx.custom_function
+def _exp_of(p: mx.array, t: mx.array) -> mx.array:
+    """p, the saved exp(t), carrying its derivative in t again: the saved arrays leave the forward as
+    plain outputs, so without this a derivative of the backward (second order) would miss d p / d t."""
+    return p
+
+
+@_exp_of.vjp
+def _exp_of_vjp(primals, cotangent, output):
+    p, t = primals
+    return mx.zeros_like(p), (cotangent * p).astype(t.dtype)
+
+
+@_exp_of.jvp
+def _exp_of_jvp(primals, tangents):
+    p, t = primals
+    return mx.zeros_like(p) if tangents[1] is None else (p * tangents[1]).astype(p.dtype)
+
+
+@_exp_of.vmap
+def _exp_of_vmap(inputs, axes):
+    p, t = inputs
+    return p, axes[0]
 
 
 def _run(plan: list, fn: Callable, arrays: list, saved: Optional[tuple] = None) -> list:
@@ -155,7 +193,8 @@ def _join(parts: list) -> mx.array:
 
 def _exclude(t: mx.array, g: mx.array) -> mx.array:
     """Where a gradient is exactly 0: a zero-probability target (t == -inf) or a zero cotangent row."""
-    return (t == -mx.inf) | (g == 0)
+    # mx.logical_or, not `|`: under mx.vmap MLX 0.32 drops the batch axis of `a | b` when only b has one.
+    return mx.logical_or(t == -mx.inf, g == 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,6 +236,7 @@ def row_loss(x: mx.array, t: mx.array, w):
 def _grad_inputs(dtype: mx.Dtype):
     @mx.compile
     def grad(t, g, p):
+        p = _exp_of(p, t)
         g = mx.expand_dims(g, 1)
         return mx.where(_exclude(t, g), 0.0, -(p * g)).astype(dtype)
 
@@ -210,6 +250,7 @@ def grad_inputs(t: mx.array, g: mx.array, saved, dtype: mx.Dtype) -> mx.array:
 
 @mx.compile
 def _grad_targets(x, t, g, p):
+    p = _exp_of(p, t)
     g = mx.expand_dims(g, 1)
     dtype = compute_dtype(x.dtype, t.dtype)
     tf = t.astype(dtype)

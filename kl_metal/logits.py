@@ -141,7 +141,8 @@ def _weigh(kl, w):
 
 def _zero_rows(stats, g):
     """Rows whose gradients are exactly 0: zero cotangent or a teacher with no distribution."""
-    return ((g == 0) | (stats[:, 1] == -mx.inf))[:, None]
+    # mx.logical_or, not `|`: under mx.vmap MLX 0.32 drops the batch axis of `a | b` when only b has one.
+    return mx.logical_or(g == 0, stats[:, 1] == -mx.inf)[:, None]
 
 
 @mx.compile
@@ -158,7 +159,7 @@ def _fallback_grad_teacher(s, t, stats, g, inv):
     a, b = s.astype(mx.float32) * inv, t.astype(mx.float32) * inv
     log_p = b - stats[:, 1:2]
     value = mx.exp(log_p) * ((log_p - (a - stats[:, 0:1])) - stats[:, 2:3]) * (g * inv)[:, None]
-    zero = _zero_rows(stats, g) | (b == -mx.inf)
+    zero = mx.logical_or(_zero_rows(stats, g), b == -mx.inf)
     return mx.where(zero, 0.0, value).astype(t.dtype)
 
 

@@ -140,3 +140,38 @@ def test_zero_probability_gradients_stay_zero_under_a_non_finite_cotangent(cotan
     _, (dx, dt) = mx.vjp(lambda a, b: [kl_metal.kl_div_loss(a, b)], [x, t], [mx.array([cotangent])])
     assert float(dx[0, 0]) == 0.0 and float(dt[0, 0]) == 0.0  # t == -inf: exactly 0, whatever g is
     assert not np.isfinite(np.array(dx)[0, 1])
+
+
+def test_hessian_vector_product_in_the_inputs_is_zero():
+    # Forward over reverse (a Hessian-vector product). The loss is linear in the inputs, so the product
+    # is exactly 0, as for the MLX reference. The backward's chunks wait on each other through a custom
+    # function whose tangent then comes only through that wait (a crash before it returned zeros).
+    x, t = data((6, 37), seed=20), data((6, 37), seed=21)
+    v = mx.array(np.random.default_rng(22).standard_normal((6, 37)).astype(np.float32))
+    for loss in (kl_metal.kl_div_loss, nn.losses.kl_div_loss):
+        grad = mx.grad(lambda a: loss(a, t, reduction="mean"))
+        _, (hvp,) = mx.jvp(grad, [x], [v])
+        assert np.array_equal(np.array(hvp), np.zeros((6, 37), np.float32))
+
+
+def test_vmap_over_the_mask_alone_gives_per_example_gradients():
+    x, t = data((4, 9), seed=23), data((4, 9), seed=24)
+    masks = mx.array([[True, False, True, True], [False, True, False, True]])
+    f = lambda a, m: kl_metal.kl_div_loss(a, t, reduction="sum", mask=m)  # noqa: E731
+    batched = mx.vmap(mx.grad(f), in_axes=(None, 0))(x, masks)
+    want = -np.exp(f64(t))[None] * np.array(masks)[:, :, None]  # d/dinputs = -exp(t) * w
+    np.testing.assert_allclose(np.array(batched), want, rtol=1e-6, atol=0)
+
+
+def test_second_derivatives_in_the_targets_match_the_formula():
+    # With reduction="sum" (g = 1): dL/dx = -exp(t), so d/dt sum((dL/dx)^2) = 2 exp(2t); and
+    # dL/dt = exp(t) (t - x + 1), whose derivative along v is exp(t) (t - x + 2) v. float64 formulas;
+    # float32 math on values of size ~1: rtol 1e-5.
+    x, t = data((5, 33), seed=25), data((5, 33), seed=26)
+    v = mx.array(np.random.default_rng(27).standard_normal((5, 33)).astype(np.float32))
+    loss = lambda a, b: kl_metal.kl_div_loss(a, b, reduction="sum")  # noqa: E731
+    t64, x64 = f64(t), f64(x)
+    got = mx.grad(lambda b: (mx.grad(loss)(x, b) ** 2).sum())(t)
+    np.testing.assert_allclose(np.array(got), 2 * np.exp(2 * t64), rtol=1e-5, atol=0)
+    _, (hvp,) = mx.jvp(lambda b: mx.grad(loss, argnums=1)(x, b), [t], [v])
+    np.testing.assert_allclose(np.array(hvp), np.exp(t64) * (t64 - x64 + 2) * f64(v), rtol=1e-5, atol=1e-6)

@@ -2,6 +2,11 @@
 tested under the emulator in test_kernels*.py)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -97,6 +102,10 @@ def test_explain_reports_how_the_fallback_cuts_the_rows(monkeypatch):
     decision = kl_metal.explain(mx.zeros((10, 1000)), mx.zeros((10, 1000)))
     assert decision.chunking.startswith("3 chunks of 4 rows over 3 CPU streams")  # rows 0-3, 4-7, 8-9
     assert "fallback: 3 chunks" in str(decision)
+    monkeypatch.setenv("KL_METAL_CPU_CHUNK", "1")  # one row a chunk, but no more than MAX_CHUNKS chunks
+    assert kl_metal.explain(mx.zeros((4096, 3)), mx.zeros((4096, 3))).chunking.startswith("256 chunks of 16 rows")
+    middle = kl_metal.explain(mx.zeros((4, 5, 3)), mx.zeros((4, 5, 3)), axis=1).chunking
+    assert middle.startswith("4 chunks of 1 slices of 5x3 elements"), middle
     monkeypatch.setenv("KL_METAL_CPU_CHUNK", "10000")
     assert kl_metal.explain(mx.zeros((10, 1000)), mx.zeros((10, 1000))).chunking.startswith("one pass")
 
@@ -120,3 +129,30 @@ def test_the_backward_cuts_rows_as_its_forward_did(monkeypatch):
     monkeypatch.setenv("KL_METAL_CPU_CHUNK", "24")  # 3 rows per chunk, had the backward re-read it
     dx = fallback.grad_inputs(t[..., None], mx.ones((6, 1)), saved, mx.float32)
     np.testing.assert_allclose(np.array(dx)[..., 0], -np.exp(np.array(t, dtype=np.float64)), rtol=1e-6)
+
+
+def test_the_fallback_runs_from_any_thread(tmp_path):
+    # MLX streams belong to the thread that made them: each thread gets CPU streams of its own. Run in a
+    # child process: MLX 0.32 may abort at interpreter exit after a worker thread has used it
+    # ("terminate called without an active exception"), which is not kl_metal's to fix.
+    script = tmp_path / "threads.py"
+    script.write_text(
+        "import threading, mlx.core as mx, numpy as np, kl_metal\n"
+        "x = mx.random.normal((16, 256), key=mx.random.key(0))\n"
+        "t = mx.random.normal((16, 256), key=mx.random.key(1))\n"
+        "want = float((np.exp(np.array(t, np.float64)) * (np.array(t, np.float64) - np.array(x))).sum())\n"
+        "results = []\n"
+        "def call():\n"
+        "    results.append(kl_metal.kl_div_loss(x, t, reduction='sum').item())\n"
+        "call()\n"
+        "threads = [threading.Thread(target=call) for _ in range(3)]\n"
+        "[th.start() for th in threads]; [th.join() for th in threads]\n"
+        "print(len(results), max(abs(r - want) / abs(want) for r in results), flush=True)\n"
+    )
+    package_root = str(Path(kl_metal.__file__).resolve().parents[1])
+    env = {**os.environ, "KL_METAL_BACKEND": "fallback", "KL_METAL_CPU_CHUNK": "1024", "KL_METAL_CPU_STREAMS": "2",
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert len(done.stdout.split()) == 2, done.stderr
+    count, error = done.stdout.split()
+    assert int(count) == 4 and float(error) < 1e-5, done.stderr  # float32 sums of 4096 terms
