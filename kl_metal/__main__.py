@@ -75,7 +75,7 @@ def self_check(path: str, dtype: mx.Dtype) -> bool:
     }
     ok = all(e <= tol for e in errors.values()) and np.isfinite(float(loss))
     detail = ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
-    say(f"  {path:8s} {str(dtype).split('.')[-1]:8s} {'PASS' if ok else 'FAIL'}  max relative error: {detail} (tolerance {tol:.0e})")
+    say(f"  {path:8s} {str(dtype).split('.')[-1]:8s} {'PASS' if ok else 'FAIL'}  max relative error: {detail} (tolerance {tol:.1e})")
     return ok
 
 
