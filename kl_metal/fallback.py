@@ -79,29 +79,38 @@ def _streams() -> tuple:
     return tuple(pool[:count])
 
 
+def _deal(sizes: list) -> list:
+    """[(rows, stream)]: consecutive row slices of `sizes` rows each, dealt round-robin to this thread's
+    CPU streams; a single chunk runs on the default stream (stream None)."""
+    if len(sizes) == 1:
+        return [(slice(0, sizes[0]), None)]
+    streams, plan, start = _streams(), [], 0
+    for k, size in enumerate(sizes):
+        plan.append((slice(start, start + size), streams[k % len(streams)]))
+        start += size
+    return plan
+
+
+def _stream_count(plan: list) -> int:
+    return len({id(stream) for _, stream in plan})
+
+
 def chunks(outer: int, row_elements: int) -> list:
     """How a pass over `outer` rows of `row_elements` elements each is cut: [(rows, stream)], `rows` a
     slice along axis 0 and `stream` None for the default stream (a single chunk: the whole arrays)."""
     # Each chunk adds a saved output to the custom function, and MLX handles those in quadratic time:
     # beyond MAX_CHUNKS chunks, chunks grow instead.
     rows = max(1, CPU_CHUNK.get() // max(1, row_elements), -(-outer // MAX_CHUNKS))
-    streams = _streams()  # read (and validated) on every call, like every KL_METAL_* variable
+    CPU_STREAMS.get()  # read (and validated) on every call, like every KL_METAL_* variable
     if mx.default_device() != mx.cpu or rows >= outer:
-        return [(slice(0, outer), None)]
-    return [(slice(start, start + rows), streams[k % len(streams)])
-            for k, start in enumerate(range(0, outer, rows))]
+        return _deal([outer])
+    return _deal([min(rows, outer - start) for start in range(0, outer, rows)])
 
 
 def _chunks_of(saved: tuple) -> list:
     """The chunks `row_loss` cut its rows into, read back from what it saved (one array per chunk), so
     that a backward pass cuts its rows the same way whatever the settings are by then."""
-    if len(saved) == 1:
-        return [(slice(0, saved[0].shape[0]), None)]
-    streams, plan, start = _streams(), [], 0
-    for k, p in enumerate(saved):
-        plan.append((slice(start, start + p.shape[0]), streams[k % len(streams)]))
-        start += p.shape[0]
-    return plan
+    return _deal([p.shape[0] for p in saved])
 
 
 def describe(shape: tuple) -> str:
@@ -112,7 +121,7 @@ def describe(shape: tuple) -> str:
         return "one pass over the whole arrays per operation"
     rows = plan[0][0].stop
     unit = "rows" if inner == 1 else f"slices of {length}x{inner} elements"
-    streams = len({id(stream) for _, stream in plan})
+    streams = _stream_count(plan)
     setting = CPU_STREAMS.get() or f"{len(_streams())} (default)"
     return (f"{len(plan)} chunks of {rows} {unit} over {streams} CPU streams "
             f"({CPU_CHUNK.name}={CPU_CHUNK.get()}, {CPU_STREAMS.name}={setting})")
@@ -175,7 +184,7 @@ def _run(plan: list, fn: Callable, arrays: list, saved: Optional[tuple] = None) 
     extra = lambda k: [] if saved is None else [saved[k]]  # noqa: E731
     if len(plan) == 1:
         return [fn(*arrays, *extra(0))]
-    lag = len({id(stream) for _, stream in plan})
+    lag = _stream_count(plan)
     results = []
     for k, (rows, stream) in enumerate(plan):
         parts = [a[rows] for a in arrays]
